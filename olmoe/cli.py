@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"olmoe {known.command}", description=help_text)
     module.configure_parser(sub)
-    args = sub.parse_args(rest)
+    args = sub.parse_intermixed_args(rest)
     return int(module.run(args) or 0)
 
 

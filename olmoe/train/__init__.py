@@ -1,0 +1,1 @@
+"""Training: the Composer model, the config schema, parallelism and the entry points."""
