@@ -41,11 +41,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="bytes of text read per domain of the built-in corpus",
     )
     parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
+    parser.add_argument(
+        "--analysis-tokens",
+        type=int,
+        default=16_000,
+        help="validation tokens per domain routed through each checkpoint for the analysis",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the training config")
 
 
 def prepare_step(data: Path, seq_len: int, vocab_size: int, max_bytes: int) -> None:
-    from olmoe.data import PrepareOptions, prepare
+    from olmoe.data.prepare import PrepareOptions, prepare
 
     if (data / "manifest.json").is_file():
         log.info("step 1/5: shards already prepared in %s, skipping", data)
@@ -98,12 +104,12 @@ def run(args: argparse.Namespace) -> int:
     from olmoe.train.config import load_config
 
     started = time.perf_counter()
-    overrides = [f"data.path={args.data}", *args.overrides]
+    overrides = [f"data.local={args.data}", *args.overrides]
     config = load_config(args.config, overrides)
     run_dir = Path(config.run_dir)
 
     # 1. shards
-    prepare_step(args.data, config.model.max_seq_len, args.vocab_size, args.max_bytes_per_domain)
+    prepare_step(args.data, config.data.seq_len, args.vocab_size, args.max_bytes_per_domain)
 
     # 2. training (Composer's autoresume continues an interrupted run)
     log.info("step 2/5: training %s into %s", args.config, run_dir)
@@ -135,7 +141,13 @@ def run(args: argparse.Namespace) -> int:
     analysis_dir = run_dir / "analysis"
     checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
     log.info("step 5/5: analyzing routing of %d checkpoints", len(checkpoints))
-    report = analyze(checkpoints, args.data, analysis_dir, overwrite=True)
+    report = analyze(
+        checkpoints,
+        args.data,
+        analysis_dir,
+        tokens_per_domain=args.analysis_tokens,
+        overwrite=True,
+    )
 
     # 6. summary
     history = read_eval_history(run_dir)
