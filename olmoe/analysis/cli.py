@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def held_out_samples(
     data: Path, split: str, tokens_per_domain: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The first samples of each domain, in shard order, up to the token budget.
+    """Read the first samples of each domain, in shard order, up to the token budget.
 
     Returns input ids (N, S), domain ids (N,) and the domain names.
     """

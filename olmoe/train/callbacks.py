@@ -172,3 +172,38 @@ class EvalHistory(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class ExpertLayout(Callback):
+    """Records in each checkpoint which global experts each expert-parallel rank holds.
+
+    Checkpoint tensors are saved whole, experts in global order, so they load at any
+    `parallelism.ep`; this record (under the checkpoint's "callbacks") documents the layout
+    the run had, and a resume at another ep logs the change.
+    """
+
+    def __init__(self, ep: int, num_experts: int):
+        self.ep = ep
+        self.num_experts = num_experts
+
+    def layout(self) -> dict:
+        per_rank = self.num_experts // self.ep
+        return {
+            "ep": self.ep,
+            "num_experts": self.num_experts,
+            "global_expert_ids_by_ep_rank": [
+                list(range(r * per_rank, (r + 1) * per_rank)) for r in range(self.ep)
+            ],
+        }
+
+    def state_dict(self) -> dict:
+        return self.layout()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_experts") != self.num_experts:
+            raise ValueError(
+                f"checkpoint has {state.get('num_experts')} experts per layer, the model "
+                f"{self.num_experts}; load it with the model config it was trained with"
+            )
+        if state.get("ep") != self.ep:
+            log.info("checkpoint was saved at ep=%s, resuming at ep=%d", state.get("ep"), self.ep)

@@ -14,7 +14,7 @@ MODEL_PREFIX = "model."
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the latest one of a run directory or checkpoint folder."""
+    """Return a checkpoint file, or the latest one of a run directory or checkpoint folder."""
     path = Path(path)
     if path.is_file():
         return path
@@ -29,7 +29,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def find_run_config(checkpoint: Path) -> Path:
-    """The run's config.yaml: next to the checkpoints folder that contains `checkpoint`."""
+    """Find the run's config.yaml next to the checkpoints folder that contains `checkpoint`."""
     for folder in (checkpoint.parent.parent, checkpoint.parent):
         candidate = folder / "config.yaml"
         if candidate.is_file():
@@ -47,7 +47,7 @@ def load_model_config(config_path: str | Path) -> ModelConfig:
 
 
 def load_checkpoint_state(checkpoint: Path) -> dict:
-    """The full checkpoint dictionary (Composer's `state` and metadata)."""
+    """Load the full checkpoint dictionary (Composer's `state` and metadata) on the CPU."""
     try:
         return torch.load(checkpoint, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for corrupt files
@@ -82,7 +82,7 @@ def load_model_from_checkpoint(
 
 
 def checkpoint_step(state: dict) -> int:
-    """The batch count stored in a Composer checkpoint."""
+    """Return the batch count stored in a Composer checkpoint."""
     timestamp = state["state"]["timestamp"]
     if isinstance(timestamp, dict):
         # Composer stores {"Timestamp": {"batch": int, ...}}.

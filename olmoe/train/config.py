@@ -78,7 +78,7 @@ class SchedulerConfig:
 
 @dataclass
 class ParallelismConfig:
-    """How the model is spread over ranks."""
+    """Parallel layout of the model over ranks."""
 
     ep: int = 1
     """Expert-parallel degree: ranks that split each layer's experts; divides E and world size."""
@@ -256,5 +256,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def to_yaml(config: TrainConfig) -> str:
-    """The resolved config as YAML (interpolations such as run_dir filled in)."""
+    """Render the config as YAML with interpolations such as run_dir resolved."""
     return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)

@@ -89,7 +89,7 @@ def train_command(base: Path, overrides: list[str]) -> list[str]:
 
 
 def write_slurm_array(sweep: Sweep, dst: Path, launcher: str = "launch/slurm.sbatch") -> Path:
-    """A SLURM array script whose task i runs the i-th sweep point through `launcher`."""
+    """Write a SLURM array script whose task i runs the i-th sweep point through `launcher`."""
     lines = [
         "#!/usr/bin/env bash",
         f"#SBATCH --job-name={sweep.name}",

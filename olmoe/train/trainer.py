@@ -23,7 +23,13 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
 
 from olmoe.data import build_dataloader
-from olmoe.train.callbacks import EvalHistory, NonFiniteLossGuard, StepLogger, peak_tflops
+from olmoe.train.callbacks import (
+    EvalHistory,
+    ExpertLayout,
+    NonFiniteLossGuard,
+    StepLogger,
+    peak_tflops,
+)
 from olmoe.train.composer_model import OlmoeComposerModel
 from olmoe.train.config import TrainConfig, to_yaml
 from olmoe.train.grad_norm import GlobalGradClip
@@ -155,6 +161,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
         ),
         NonFiniteLossGuard(),
         EvalHistory(run_dir),
+        ExpertLayout(config.parallelism.ep, config.model.moe.num_experts),
     ]
     if config.logging.routing_stats_interval > 0:
         from olmoe.analysis.callback import RoutingStatsCallback

@@ -138,8 +138,10 @@ def test_two_node_launch_then_resume_at_ep1(token_data, tmp_path):
     assert "step 4 |" in "".join(outputs)
 
     # The checkpoint written at ep=2 holds all 4 experts and loads in one process.
-    model, _ = load_model_from_checkpoint(run_dir)
+    model, state = load_model_from_checkpoint(run_dir)
     assert model.layers[0].mlp.experts.gate_up_weight.shape[0] == 4
+    layout = state["state"]["callbacks"]["ExpertLayout"]
+    assert layout["global_expert_ids_by_ep_rank"] == [[0, 1], [2, 3]]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
     # Training continues from it in one process (ep=1) for two more steps.
