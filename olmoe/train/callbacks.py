@@ -56,10 +56,12 @@ class StepLogger(Callback):
         flops_per_token: float,
         peak_tflops: float,
         grad_clip: GlobalGradClip,
+        remeasure_peak: bool = False,
     ):
         self.interval = interval
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_tflops * 1e12
+        self.remeasure_peak = remeasure_peak
         self.grad_clip = grad_clip
         self._counts: torch.Tensor | None = None
         self._tokens = 0
@@ -93,6 +95,10 @@ class StepLogger(Callback):
         elapsed = time.perf_counter() - self._start - self._eval_seconds
         self._eval_seconds = 0.0
         tokens_per_s = self._tokens / max(elapsed, 1e-9)
+        if self.remeasure_peak:
+            # NOTE: a CPU peak measured while other processes load the cores is too low,
+            # so it is measured again at every line and the highest value kept.
+            self.peak_flops = max(self.peak_flops, measure_cpu_matmul_tflops(repeats=3) * 1e12)
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops
         self._tokens = 0
         losses = state.total_loss_dict

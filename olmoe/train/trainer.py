@@ -154,10 +154,14 @@ def build_trainer(config: TrainConfig) -> Trainer:
         subset_num_batches=config.eval_batches,
     )
     grad_clip = GlobalGradClip(config.optimizer.grad_clip_norm)
-    flops = config.model.flops_per_token(config.model.max_seq_len)
+    flops = config.model.flops_per_token(config.data.seq_len)
     callbacks = [
         StepLogger(
-            config.logging.log_interval, flops, peak_tflops(config.logging.peak_tflops), grad_clip
+            config.logging.log_interval,
+            flops,
+            peak_tflops(config.logging.peak_tflops),
+            grad_clip,
+            remeasure_peak=device == "cpu" and config.logging.peak_tflops is None,
         ),
         NonFiniteLossGuard(),
         EvalHistory(run_dir),
