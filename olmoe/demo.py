@@ -27,7 +27,7 @@ DEMO_PROMPTS = {
     "code": "def main(argv):\n    ",
     "docs": "The Python tutorial",
     "man": "NAME\n       ls - ",
-    "licenses": "Permission is hereby granted",
+    "license": "Permission is hereby granted",
 }
 
 
