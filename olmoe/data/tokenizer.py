@@ -183,19 +183,18 @@ class DocumentEncoder:
         """
         if ends_document is None:
             ends_document = [True] * len(texts)
-        encodings = self.encode_batch(texts, add_special_tokens=False)
-        lengths = np.fromiter(
-            (len(e.ids) + eos for e, eos in zip(encodings, ends_document)),
-            np.int64,
-            len(encodings),
-        )
-        ids = np.empty(int(lengths.sum()), np.uint32)
-        ends = np.cumsum(lengths)
-        for encoding, end, length, eos in zip(encodings, ends, lengths, ends_document):
-            ids[end - length : end - eos] = encoding.ids
+        # `Encoding.ids` builds a new Python list on every access, so read it once.
+        flat: list[int] = []
+        lengths = np.empty(len(texts), np.int64)
+        for index, (encoding, eos) in enumerate(
+            zip(self.encode_batch(texts, add_special_tokens=False), ends_document)
+        ):
+            ids = encoding.ids
+            flat.extend(ids)
             if eos:
-                ids[end - 1] = self.eos_token_id
-        return ids, lengths
+                flat.append(self.eos_token_id)
+            lengths[index] = len(ids) + eos
+        return np.array(flat, np.uint32), lengths
 
 
 _worker_encoder: DocumentEncoder | None = None

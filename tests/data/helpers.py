@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,12 @@ def release_streaming_shm(root: Path, before: set[str]) -> None:
 
     streaming keeps a dataset's shared memory until the process exits. This unlinks the
     segments of each prefix registered since `before` whose directories are under `root`, or
-    whose registration is empty because the dataset was deleted.
+    whose registration is empty because the dataset was deleted, and removes the prefix's
+    file locks from the temporary directory.
     """
     from multiprocessing.shared_memory import SharedMemory
 
-    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
     from streaming.base.shared.prefix import _get_path, _unpack_locals
 
     gc.collect()
@@ -108,3 +110,5 @@ def release_streaming_shm(root: Path, before: set[str]) -> None:
         prefix_int = int(match.group(1))
         for suffix in SHM_TO_CLEAN:
             (SHM_DIR / _get_path(prefix_int, suffix)).unlink(missing_ok=True)
+        for suffix in (BARRIER_FILELOCK, CACHE_FILELOCK):
+            (Path(tempfile.gettempdir()) / _get_path(prefix_int, suffix)).unlink(missing_ok=True)
