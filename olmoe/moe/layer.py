@@ -155,6 +155,18 @@ class MoELayer(nn.Module):
             return None
         return math.ceil(self.config.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
+    def _can_fuse(self, backend: ExpertBackend, x: torch.Tensor) -> bool:
+        """Whether `backend.routed_swiglu` may replace permute, experts and unpermute.
+
+        Only for the plain `SwiGLUExperts` (expert parallelism swaps in a module with its
+        own forward) and outside autocast, where the unfused path casts per operation.
+        """
+        return (
+            hasattr(backend, "routed_swiglu")
+            and type(self.experts) is SwiGLUExperts
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> MoEOutput:
         """Route `x` (..., D); `token_mask` (...) is True for real tokens, False for padding."""
         input_shape = x.shape
@@ -181,11 +193,22 @@ class MoELayer(nn.Module):
         backend = get_backend(self.config.backend, x.device)
 
         # 3-5. permute, experts, unpermute
-        # shape: (N, D)
-        routed_input = backend.permute(x, plan.row_ids, self.top_k)
-        routed_output = self.experts(routed_input, plan.group_sizes, backend)
-        # shape: (T, D)
-        out = backend.unpermute(routed_output, plan.row_ids, route.combine_weights)
+        if self._can_fuse(backend, x):
+            # shape: (T, D), the same three steps fused per expert by the backend
+            out = backend.routed_swiglu(
+                x,
+                plan.row_ids,
+                plan.group_sizes,
+                route.combine_weights,
+                self.experts.gate_up_weight,
+                self.experts.down_weight,
+            )
+        else:
+            # shape: (N, D)
+            routed_input = backend.permute(x, plan.row_ids, self.top_k)
+            routed_output = self.experts(routed_input, plan.group_sizes, backend)
+            # shape: (T, D)
+            out = backend.unpermute(routed_output, plan.row_ids, route.combine_weights)
 
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
