@@ -7,8 +7,8 @@ with `zero_grad()` does. The expert-matmul throughput is compared with this mach
 fp32 matmul peak, measured in the same run with one large `torch.mm`.
 
 Variants: `ours` is the layer as configured (the fused per-expert path on CPU), `unfused`
-is the same layer through the three-step permute, grouped GEMM, unpermute contract, and
-`HF` is transformers' block.
+is the same layer through the three-step permute, grouped GEMM, unpermute contract,
+`HF` is transformers' block, and `gemms` is the layer's expert GEMMs alone.
 
     python benchmarks/moe_layer.py                 # default shapes, CPU fp32
     python benchmarks/moe_layer.py --tokens 1024 --experts 16 --top-k 2 --threads 1
@@ -28,18 +28,6 @@ import torch
 from olmoe.convert import config_to_hf
 from olmoe.model import ModelConfig, MoEConfig
 from olmoe.moe import MoELayer, TorchBackend, register_backend
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median seconds of `fn()` over `repeats` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def timed_interleaved(
@@ -123,6 +111,40 @@ def build_pair(d_model: int, hidden: int, experts: int, top_k: int):
     return ours, theirs
 
 
+def expert_gemms_step(layer: MoELayer, x: torch.Tensor) -> Callable[[], None]:
+    """Time only the expert GEMMs of one forward + backward, for `layer`'s routing of `x`.
+
+    Per expert e with n rows: forward x_e @ W_gate_up[e] and h_e @ W_down[e], backward
+    dY_e @ W_down[e]^T, h_e^T @ dY_e, x_e^T @ dG_e and dG_e @ W_gate_up[e]^T, on random
+    inputs of the routed sizes. The weight gradients are allocated fresh, as the layer's are.
+    """
+    with torch.no_grad():
+        route = layer.router(x.reshape(-1, x.shape[-1]))
+    experts = layer.num_experts
+    sizes = torch.bincount(route.expert_indices.reshape(-1), minlength=experts).tolist()
+    gate_up_weight = layer.experts.gate_up_weight.detach()
+    down_weight = layer.experts.down_weight.detach()
+    D, H = down_weight.shape[2], down_weight.shape[1]
+    inputs = [torch.randn(n, D) for n in sizes]
+    hidden = [torch.randn(n, H) for n in sizes]
+    grad_outputs = [torch.randn(n, D) for n in sizes]
+    grad_gate_up = [torch.randn(n, 2 * H) for n in sizes]
+
+    def run() -> None:
+        for e in range(experts):
+            torch.mm(inputs[e], gate_up_weight[e])
+            torch.mm(hidden[e], down_weight[e])
+        grad_gate_up_weight = torch.empty_like(gate_up_weight)
+        grad_down_weight = torch.empty_like(down_weight)
+        for e in range(experts):
+            torch.mm(grad_outputs[e], down_weight[e].t())
+            torch.mm(hidden[e].t(), grad_outputs[e], out=grad_down_weight[e])
+            torch.mm(inputs[e].t(), grad_gate_up[e], out=grad_gate_up_weight[e])
+            torch.mm(grad_gate_up[e], gate_up_weight[e].t())
+
+    return run
+
+
 def bench_shape(
     tokens: int,
     d_model: int,
@@ -132,6 +154,7 @@ def bench_shape(
     repeats: int,
     peak: float,
     unfused: bool,
+    gemms: bool,
 ) -> dict[str, float | str]:
     torch.manual_seed(0)
     ours, theirs = build_pair(d_model, hidden, experts, top_k)
@@ -156,6 +179,8 @@ def bench_shape(
     if unfused:
         fns["unfused"] = step(ours, UnfusedTorchBackend.name)
     fns["hf"] = step(theirs)
+    if gemms:
+        fns["gemms"] = expert_gemms_step(ours, x)
     seconds = timed_interleaved(fns, repeats)
     # Expert matmuls: forward 6 * N * D * H (gate+up, down), backward twice that.
     flops = 18 * tokens * top_k * d_model * hidden
@@ -183,6 +208,9 @@ def main() -> None:
         "--unfused", action="store_true", help="also time the unfused three-step path"
     )
     parser.add_argument(
+        "--gemms", action="store_true", help="also time the expert GEMMs alone (a floor)"
+    )
+    parser.add_argument(
         "--malloc-tuning",
         action="store_true",
         help="keep freed memory in glibc's heap (mallopt; Linux with glibc only)",
@@ -200,6 +228,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {malloc} malloc")
     print(f"matmul peak (2048^3 torch.mm, best of 10): {peak:.1f} GFLOP/s")
     columns = ["ours"] + (["unfused"] if args.unfused else []) + ["hf"]
+    columns += ["gemms"] if args.gemms else []
     header = f"{'shape':<34}" + "".join(f"{name + ' ms':>12}" for name in columns)
     header += f"{'speedup':>9}" + "".join(f"{name + '/peak':>13}" for name in columns)
     print(header + f"{'max diff':>10}")
@@ -214,6 +243,7 @@ def main() -> None:
                 args.repeats,
                 peak,
                 args.unfused,
+                args.gemms,
             )
             line = f"{r['shape']:<34}" + "".join(f"{r[c + '_ms']:>12.1f}" for c in columns)
             line += f"{r['speedup']:>8.2f}x" + "".join(f"{r[c + '_peak']:>13.0%}" for c in columns)

@@ -50,53 +50,47 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
     )
 
 
-def ours_step(
-    model: OlmoeComposerModel, optimizer: torch.optim.Optimizer
+def training_step(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer
 ) -> Callable[[torch.Tensor], dict[str, float]]:
-    """One training step of olmoe's model; returns the loss and seconds per phase."""
+    """One step: `loss_fn(input_ids)`, backward, AdamW; returns the loss and seconds per phase."""
 
     def step(input_ids: torch.Tensor) -> dict[str, float]:
+        start = time.perf_counter()
+        loss = loss_fn(input_ids)
+        forward_end = time.perf_counter()
+        loss.backward()
+        backward_end = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        return {
+            "loss": loss.item(),
+            "forward": forward_end - start,
+            "backward": backward_end - forward_end,
+            "optimizer": end - backward_end,
+        }
+
+    return step
+
+
+def ours_loss(model: OlmoeComposerModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return a function computing `OlmoeComposerModel`'s loss: CE + weighted LB and Z."""
+
+    def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
         batch = {"input_ids": input_ids}
-        start = time.perf_counter()
-        loss = model.loss(model(batch), batch)["total"]
-        forward_end = time.perf_counter()
-        loss.backward()
-        backward_end = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        end = time.perf_counter()
-        return {
-            "loss": loss.item(),
-            "forward": forward_end - start,
-            "backward": backward_end - forward_end,
-            "optimizer": end - backward_end,
-        }
+        return model.loss(model(batch), batch)["total"]
 
-    return step
+    return loss_fn
 
 
-def hf_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> Callable[[torch.Tensor], dict[str, float]]:
-    """One training step of HF's OlmoeForCausalLM; returns the loss and seconds per phase."""
+def hf_loss(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return a function computing HF's own loss: shifted CE + router_aux_loss_coef * LB."""
 
-    def step(input_ids: torch.Tensor) -> dict[str, float]:
-        start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
-        forward_end = time.perf_counter()
-        loss.backward()
-        backward_end = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        end = time.perf_counter()
-        return {
-            "loss": loss.item(),
-            "forward": forward_end - start,
-            "backward": backward_end - forward_end,
-            "optimizer": end - backward_end,
-        }
+    def loss_fn(input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
 
-    return step
+    return loss_fn
 
 
 def main() -> None:
@@ -124,8 +118,8 @@ def main() -> None:
     ours = OlmoeComposerModel(model_config)
     theirs = to_hf(ours.model).train()
     steps = {
-        "ours": ours_step(ours, make_optimizer(ours, config)),
-        "hf": hf_step(theirs, make_optimizer(theirs, config)),
+        "ours": training_step(ours_loss(ours), make_optimizer(ours, config)),
+        "hf": training_step(hf_loss(theirs), make_optimizer(theirs, config)),
     }
     generator = torch.Generator().manual_seed(args.seed)
     batches = [

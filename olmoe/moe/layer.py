@@ -156,7 +156,7 @@ class MoELayer(nn.Module):
         return math.ceil(self.config.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
     def _can_fuse(self, backend: ExpertBackend, x: torch.Tensor) -> bool:
-        """Whether `backend.routed_swiglu` may replace permute, experts and unpermute.
+        """Return whether `backend.routed_swiglu` may replace permute, experts and unpermute.
 
         Only for the plain `SwiGLUExperts` (expert parallelism swaps in a module with its
         own forward) and outside autocast, where the unfused path casts per operation.
