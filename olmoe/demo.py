@@ -9,7 +9,7 @@ Steps, each one a command a user can also run on its own:
     6. a summary of where everything is
 
 Interrupting it (Ctrl-C, a killed process) and running it again resumes training from
-the last checkpoint; the other steps are redone or skipped when already complete.
+the last checkpoint. The other steps are redone, or skipped when already complete.
 """
 
 from __future__ import annotations

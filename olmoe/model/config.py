@@ -96,7 +96,7 @@ class ModelConfig:
     n_kv_heads: int | None = None
     """Key/value heads for grouped-query attention (None: same as n_heads)."""
     max_seq_len: int = 4096
-    """Longest sequence the model is trained on (used for FLOP counts and checks)."""
+    """Maximum sequence length the model is trained on (used for FLOP counts and checks)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     norm_eps: float = 1e-5

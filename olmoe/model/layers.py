@@ -106,8 +106,8 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         S = q.shape[2]
         causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-        # shape: (B, 1, S, S): causal and the key is a real token; every query also sees
-        # itself, so rows of padded queries are never empty (they would give NaN).
+        # shape: (B, 1, S, S), true where the key is causal and a real token. Each query also
+        # attends to itself, so no row of a padded query is empty (an empty row gives NaN).
         mask = causal & attention_mask.to(torch.bool)[:, None, None, :]
         mask = mask | torch.eye(S, dtype=torch.bool, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -134,8 +134,8 @@ def build_trainer(config: TrainConfig) -> Trainer:
         parallelize(composer_model.model, ep=config.parallelism.ep, fsdp=config.parallelism.fsdp)
 
     # 4. optimizer, schedule, data, callbacks
-    # Composer's DecoupledAdamW multiplies weights by (1 - wd * lr / peak_lr) each step, while
-    # the config's weight decay follows torch's AdamW (1 - lr * wd); scale it by the peak lr.
+    # Composer's DecoupledAdamW multiplies weights by (1 - wd * lr / peak_lr) each step. The
+    # config's weight decay follows torch's AdamW (1 - lr * wd), so it is scaled by the peak lr.
     decay = config.optimizer.weight_decay * config.optimizer.lr
     optimizer = DecoupledAdamW(
         param_groups(composer_model, decay),

@@ -38,8 +38,8 @@ class RouterGradients(Callback):
 
 
 def _router_gradients(data: str, run_dir: str, microbatch: int, global_batch: int = 8):
-    # The load-balancing loss depends on which tokens share a microbatch, so it is off
-    # here; cross-entropy and the z-loss are token means and must not depend on the split.
+    # The load-balancing loss depends on which tokens share a microbatch, so it is off here.
+    # Cross-entropy and the z-loss are token means and must not depend on the split.
     overrides = tiny_overrides(
         data,
         run_dir,
@@ -137,7 +137,7 @@ def test_two_node_launch_then_resume_at_ep1(token_data, tmp_path):
         assert node.returncode == 0, out[-3000:]
     assert "step 4 |" in "".join(outputs)
 
-    # The checkpoint written at ep=2 holds all 4 experts and loads in one process.
+    # The checkpoint written at ep=2 contains all 4 experts and loads in one process.
     model, state = load_model_from_checkpoint(run_dir)
     assert model.layers[0].mlp.experts.gate_up_weight.shape[0] == 4
     layout = state["state"]["callbacks"]["ExpertLayout"]
