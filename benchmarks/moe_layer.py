@@ -8,7 +8,8 @@ fp32 matmul peak, measured in the same run with one large `torch.mm`.
 
 Variants: `ours` is the layer as configured (the fused per-expert path on CPU), `unfused`
 is the same layer through the three-step permute, grouped GEMM, unpermute contract,
-`HF` is transformers' block, and `gemms` is the layer's expert GEMMs alone.
+`HF` is transformers' block, and `gemms` is the layer's expert GEMMs alone, one after
+another with all intra-op threads (as HF runs them; ours runs them on worker threads).
 
     python benchmarks/moe_layer.py                 # default shapes, CPU fp32
     python benchmarks/moe_layer.py --tokens 1024 --experts 16 --top-k 2 --threads 1
@@ -208,7 +209,7 @@ def main() -> None:
         "--unfused", action="store_true", help="also time the unfused three-step path"
     )
     parser.add_argument(
-        "--gemms", action="store_true", help="also time the expert GEMMs alone (a floor)"
+        "--gemms", action="store_true", help="also time the expert GEMMs alone, in sequence"
     )
     parser.add_argument(
         "--malloc-tuning",

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from moe_layer import matmul_peak_gflops, tune_glibc_malloc
 
 from olmoe.convert import to_hf
@@ -127,9 +128,14 @@ def main() -> None:
         for _ in range(args.warmup + args.repeats)
     ]
     with torch.no_grad():
-        ours_logits = ours({"input_ids": batches[0]}).logits
+        ours_logits = ours.model(batches[0]).logits
         hf_logits = theirs(input_ids=batches[0]).logits
         logits_diff = (ours_logits - hf_logits).abs().max().item()
+        # Ours computes the training cross-entropy in chunks, without the logits.
+        ours_ce = ours({"input_ids": batches[0]}).loss.item()
+        hf_ce = F.cross_entropy(
+            hf_logits[:, :-1].reshape(-1, hf_logits.shape[-1]), batches[0][:, 1:].reshape(-1)
+        ).item()
 
     load_before = os.getloadavg()[0]
     peak = matmul_peak_gflops()
@@ -151,7 +157,8 @@ def main() -> None:
         f"{OlmoeModel.num_params(ours.model) / 1e6:.2f}M params, "
         f"{flops_per_token / 1e6:.1f} MFLOP/token (training), "
         f"HF attention {theirs.config._attn_implementation}, "
-        f"max |logits ours - HF| before training {logits_diff:.1e}"
+        f"max |logits ours - HF| before training {logits_diff:.1e}, "
+        f"cross-entropy ours {ours_ce:.6f} HF {hf_ce:.6f}"
     )
     header = f"{'model':<6}{'step ms':>9}" + "".join(f"{p + ' ms':>14}" for p in PHASES)
     print(header + f"{'tokens/s':>10}{'MFU':>7}{'loss first/last':>18}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from olmoe.model import ModelConfig, MoEConfig, OlmoeModel
 
@@ -30,3 +31,18 @@ def tiny_model(seed: int = 0, **moe_overrides) -> OlmoeModel:
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
     return model
+
+
+def swiglu_token_loop(x, combine_weights, expert_indices, gate_up_weight, down_weight):
+    """Token-by-token sum_k w_k * SwiGLU_{e_k}(x_t), differentiable through autograd."""
+    H = down_weight.shape[1]
+    rows = []
+    for t in range(x.shape[0]):
+        total = torch.zeros_like(x[t])
+        for k in range(expert_indices.shape[1]):
+            e = expert_indices[t, k]
+            gate_up = x[t] @ gate_up_weight[e]
+            hidden = F.silu(gate_up[:H]) * gate_up[H:]
+            total = total + combine_weights[t, k] * (hidden @ down_weight[e])
+        rows.append(total)
+    return torch.stack(rows)

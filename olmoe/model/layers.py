@@ -9,8 +9,46 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from olmoe.model.config import ModelConfig
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = weight * (x * rsqrt(mean(x^2) + eps)), with a backward of few temporaries.
+
+    The forward is the same arithmetic as autograd through the plain expression (and as
+    HF's `OlmoeRMSNorm`). The backward saves only x and the (..., 1) rstd and computes
+    dx = rstd * (g w - x_hat * mean(g w x_hat)) and dw = sum(g x_hat) with three
+    (..., D) temporaries, where autograd through the expression builds about eight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        input_dtype = x.dtype
+        x32 = x.float()
+        # shape: (..., 1)
+        rstd = torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
+        y = (x32 * rstd).to(input_dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.mul_(weight) if y.dtype == weight.dtype else weight * y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        # shape: (..., D) normalized input in fp32
+        x_hat = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_y * x_hat.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # shape: (..., D) gradient with respect to x_hat
+            grad_x_hat = (grad_y * weight).float()
+            dot = (grad_x_hat * x_hat).mean(dim=-1, keepdim=True)
+            grad_x = grad_x_hat.sub_(x_hat.mul_(dot)).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.Module):
@@ -22,10 +60,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(
@@ -45,8 +80,11 @@ def rotary_cos_sin(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, heads, S, hd) by the RoPE tables; pairs are (i, i + hd/2)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # shape: (..., hd) halves swapped, (x2, x1); the sign of the rotation goes on sin.
+    # The backward of a flip is a flip; slicing and `cat` would zero-fill full-size grads.
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):

@@ -11,14 +11,15 @@ import torch
 import torch.nn as nn
 
 from olmoe.model.config import ModelConfig
+from olmoe.model.cross_entropy import linear_cross_entropy
 from olmoe.model.layers import Attention, RMSNorm, rotary_cos_sin
 from olmoe.moe.layer import MoELayer
 
 
 @dataclass
 class OlmoeOutput:
-    logits: torch.Tensor
-    """(B, S, V) next-token logits."""
+    logits: torch.Tensor | None
+    """(B, S, V) next-token logits; None when `labels` were given (see `loss`)."""
     lb_loss: torch.Tensor
     """() load-balancing loss averaged over layers (not pooled across them)."""
     z_loss: torch.Tensor
@@ -31,6 +32,8 @@ class OlmoeOutput:
     """Per layer (B, S, K) selected experts in rank order; filled when output_routing."""
     expert_probs: list[torch.Tensor] = field(default_factory=list)
     """Per layer (B, S, K) fp32 softmax probabilities of the selected experts."""
+    loss: torch.Tensor | None = None
+    """() fp32 mean cross-entropy over the labels that count, when `labels` were given."""
 
 
 class OlmoeBlock(nn.Module):
@@ -91,8 +94,15 @@ class OlmoeModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_routing: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> OlmoeOutput:
-        """`input_ids` (B, S); `attention_mask` (B, S) is 1 for real tokens, 0 for padding."""
+        """`input_ids` (B, S); `attention_mask` (B, S) is 1 for real tokens, 0 for padding.
+
+        `labels` (B, S) hold the target token of each position, already shifted, and -100
+        where a position does not count. With labels, the output carries the mean
+        cross-entropy as `loss` and no logits. The LM head and the loss then run in token
+        chunks (`linear_cross_entropy`), and the (B, S, V) logits are never built.
+        """
         B, S = input_ids.shape
         # shape: (B, S, D)
         x = self.embed_tokens(input_ids)
@@ -102,10 +112,15 @@ class OlmoeModel(nn.Module):
             x, moe_out = layer(x, rotary, attention_mask)
             moe_outputs.append(moe_out)
 
-        # shape: (B, S, V)
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if labels is None:
+            # shape: (B, S, V)
+            logits, loss = self.lm_head(x), None
+        else:
+            logits, loss = None, linear_cross_entropy(x, self.lm_head.weight, labels)
         output = OlmoeOutput(
             logits=logits,
+            loss=loss,
             lb_loss=torch.stack([m.lb_loss for m in moe_outputs]).mean(),
             z_loss=torch.stack([m.z_loss for m in moe_outputs]).mean(),
             tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe_outputs]),

@@ -11,8 +11,7 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from olmoe.model import ModelConfig, OlmoeModel, OlmoeOutput
-
-IGNORE_INDEX = -100
+from olmoe.model.cross_entropy import IGNORE_INDEX
 
 
 def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -79,16 +78,13 @@ class OlmoeComposerModel(ComposerModel):
         self.last_tokens_per_expert: torch.Tensor | None = None
 
     def forward(self, batch: dict) -> OlmoeOutput:
-        return self.model(batch["input_ids"], batch.get("attention_mask"))
+        # The training forward returns the cross-entropy, not the logits (see
+        # `OlmoeModel.forward`); evaluation goes through `eval_forward`.
+        labels = next_token_labels(batch["input_ids"], batch.get("attention_mask"))
+        return self.model(batch["input_ids"], batch.get("attention_mask"), labels=labels)
 
     def loss(self, outputs: OlmoeOutput, batch: dict) -> dict[str, torch.Tensor]:
-        labels = next_token_labels(batch["input_ids"], batch.get("attention_mask"))
-        logits = outputs.logits
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        ce = outputs.loss
         moe = self.config.moe
         total = ce + moe.lb_loss_weight * outputs.lb_loss + moe.z_loss_weight * outputs.z_loss
         self.last_tokens_per_expert = outputs.tokens_per_expert.detach()

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from olmoe.model import MoEConfig
 from olmoe.moe import MoELayer, TorchBackend, register_backend
 from olmoe.moe.backend import _RoutedSwiGLU
+from tests.helpers import swiglu_token_loop
 
 FP32_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -108,21 +108,6 @@ def test_fused_empty_experts_zero_gradient():
         torch.testing.assert_close(fused_grads[name], grad, **FP32_TOLERANCE, msg=name)
 
 
-def _loop_reference(x, combine_weights, expert_indices, gate_up_weight, down_weight):
-    """Token-by-token sum_k w_k * SwiGLU_{e_k}(x_t), differentiable through autograd."""
-    H = down_weight.shape[1]
-    rows = []
-    for t in range(x.shape[0]):
-        total = torch.zeros_like(x[t])
-        for k in range(expert_indices.shape[1]):
-            e = expert_indices[t, k]
-            gate_up = x[t] @ gate_up_weight[e]
-            hidden = F.silu(gate_up[:H]) * gate_up[H:]
-            total = total + combine_weights[t, k] * (hidden @ down_weight[e])
-        rows.append(total)
-    return torch.stack(rows)
-
-
 def test_routed_swiglu_matches_token_loop():
     torch.manual_seed(7)
     T, K, E, D, H = 11, 3, 5, 6, 4
@@ -138,7 +123,7 @@ def test_routed_swiglu_matches_token_loop():
 
     inputs = [x, combine_weights, gate_up_weight, down_weight]
     out = _RoutedSwiGLU.apply(x, combine_weights, gate_up_weight, down_weight, row_ids, group_sizes)
-    ref = _loop_reference(x, combine_weights, expert_indices, gate_up_weight, down_weight)
+    ref = swiglu_token_loop(x, combine_weights, expert_indices, gate_up_weight, down_weight)
     torch.testing.assert_close(out, ref, **FP32_TOLERANCE)
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, inputs, grad)
@@ -161,7 +146,7 @@ def test_routed_swiglu_weight_grads_only():
     row_ids = torch.sort(flat, stable=True).indices
     group_sizes = torch.bincount(flat, minlength=E)
     out = _RoutedSwiGLU.apply(x, combine_weights, gate_up_weight, down_weight, row_ids, group_sizes)
-    ref = _loop_reference(x, combine_weights, expert_indices, gate_up_weight, down_weight)
+    ref = swiglu_token_loop(x, combine_weights, expert_indices, gate_up_weight, down_weight)
     got = torch.autograd.grad(out.sum(), [gate_up_weight, down_weight])
     expected = torch.autograd.grad(ref.sum(), [gate_up_weight, down_weight])
     for g, r in zip(got, expected):
