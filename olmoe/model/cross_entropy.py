@@ -6,7 +6,7 @@ Dims: T = tokens, D = d_model, V = vocab, C = tokens per chunk.
 
     F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
 
-up to rounding, but never holds more than one (C, V) chunk of logits. The forward
+up to rounding, but never keeps more than one (C, V) chunk of logits. The forward
 computes each chunk's logits, its loss and at once its gradients with respect to the
 hidden states and the head weight (softmax minus one-hot, times 1 / number of labels);
 the backward only scales the stored gradients by the incoming gradient. Without the

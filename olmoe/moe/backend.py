@@ -146,8 +146,8 @@ class _ExpertThreads:
     for every call and reaches well under the machine's peak. W worker threads of one
     intra-op thread each instead take whole experts from a shared queue, largest first,
     so a core slowed by other work just takes fewer experts. Which thread runs which
-    expert varies from call to call; the results do not, because each expert writes only
-    its own rows and the rows are summed per token afterwards in a fixed order.
+    expert varies from call to call. The results do not, because each expert writes only
+    its own rows, and the rows are summed per token afterwards in a fixed order.
 
     NOTE: `torch.set_num_threads` is per thread for OpenMP and MKL. The workers set 1 at
     start; the calling thread's setting, which also seeds threads started later, is
@@ -171,8 +171,8 @@ class _ExpertThreads:
         started = threading.Barrier(size + 1)
 
         def start() -> None:
-            # torch sets up each thread's count lazily, from the process-wide setting, at
-            # its first parallel op; run that first so that it cannot undo the 1 below.
+            # torch sets up each thread's count lazily at its first parallel op, from the
+            # process-wide setting. Run that setup first, so that it cannot undo the 1.
             torch.get_num_threads()
             torch.set_num_threads(1)
             started.wait()
@@ -230,7 +230,7 @@ class _BlockCache:
     without reuse every step pays a page fault per page on first touch. A cached block
     is handed out only when the cache holds the last reference to its storage: after
     autograd freed the saved activations, or after `zero_grad(set_to_none=True)` dropped
-    the `.grad` that aliased it. Memory a caller still holds is never written. Like a
+    the `.grad` that aliased it. Memory that a caller still references is never written. Like a
     caching allocator, the cache keeps the blocks
     of the busiest step; `release_cached_blocks()` gives them back.
     """
@@ -243,7 +243,7 @@ class _BlockCache:
         self._lock = threading.Lock()
 
     def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized contiguous tensor of `shape` with `like`'s dtype and device."""
+        """Return an uninitialized contiguous tensor of `shape` with `like`'s dtype and device."""
         if like.device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
             return like.new_empty(shape)
         key = (tuple(shape), like.dtype)

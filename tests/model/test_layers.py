@@ -61,10 +61,11 @@ def test_rms_norm_bf16_input_with_fp32_weight():
     assert out.dtype == want.dtype == torch.float32
     assert torch.equal(out, want)
     out.sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.isfinite(x.grad.float()).all()
 
 
-def test_rotary_is_the_plain_rotation_with_the_same_gradients():
+def test_rotary_matches_plain_rotation():
     torch.manual_seed(3)
     cos, sin = rotary_cos_sin(9, 16, 10000.0, torch.device("cpu"), torch.float32)
     # (B, heads, S, hd) from a transposed view, as attention passes it

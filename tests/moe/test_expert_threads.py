@@ -93,7 +93,7 @@ def test_caller_thread_count_is_kept():
             assert torch.get_num_threads() == workers
 
 
-def test_results_do_not_depend_on_the_number_of_workers():
+def test_results_independent_of_worker_count():
     # Each expert writes only its own rows, and rows are summed per token afterwards.
     problem = routed_problem(seed=14, T=64, E=9)
     grad = torch.randn(64, 12, generator=torch.Generator().manual_seed(15))
@@ -108,7 +108,7 @@ def test_results_do_not_depend_on_the_number_of_workers():
 
 
 def test_workers_keep_one_intra_op_thread():
-    # torch sets up a thread's count lazily at its first parallel op; a worker that did
+    # torch sets up a thread's count lazily at its first parallel op. A worker that did
     # not run that setup first would switch back to the process-wide count there.
     big = torch.randn(1 << 17)
     counts = []
@@ -165,16 +165,16 @@ def test_weight_gradients_reuse_memory_after_zero_grad():
     assert torch.equal(layer.experts.gate_up_weight.grad, first)
 
 
-def test_held_gradient_is_never_overwritten():
+def test_kept_gradient_never_overwritten():
     release_cached_blocks()
     layer = make_layer(seed=1)
     x1, x2 = torch.randn(30, 16), torch.randn(30, 16)
     step(layer, x1)
-    held = layer.experts.down_weight.grad
-    held_values = held.clone()
+    kept_grad = layer.experts.down_weight.grad
+    kept_values = kept_grad.clone()
     step(layer, x2)
-    assert torch.equal(held, held_values), "a gradient the caller kept was written"
-    assert layer.experts.down_weight.grad.data_ptr() != held.data_ptr()
+    assert torch.equal(kept_grad, kept_values), "a gradient the caller kept was written"
+    assert layer.experts.down_weight.grad.data_ptr() != kept_grad.data_ptr()
 
     reference = make_layer(seed=1)
     step(reference, x2)
