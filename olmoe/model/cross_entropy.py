@@ -6,10 +6,10 @@ Dims: T = tokens, D = d_model, V = vocab, C = tokens per chunk.
 
     F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
 
-up to rounding, but never keeps more than one (C, V) chunk of logits. The forward
-computes each chunk's logits, its loss and at once its gradients with respect to the
-hidden states and the head weight (softmax minus one-hot, times 1 / number of labels);
-the backward only scales the stored gradients by the incoming gradient. Without the
+up to rounding, but never keeps more than one (C, V) chunk of logits. For each chunk,
+the forward computes the logits, the loss, and at once the gradients with respect to
+the hidden states and the head weight (softmax minus one-hot, over the label count).
+The backward only scales these stored gradients by the incoming gradient. Without the
 full logits, their log-softmax and their gradient (three (T, V) fp32 tensors, 64 MiB
 each in the demo), a training step saves that memory and, on CPU, the page faults of
 allocating it fresh every step.
@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 
 
 def default_chunk_tokens(vocab_size: int, device: torch.device) -> int:
-    """Tokens per chunk: about 2M logits (8 MiB fp32) on CPU, 64M on GPUs."""
+    """Return the tokens per chunk: about 2M logits (8 MiB fp32) on CPU, 64M on GPUs."""
     budget = 2**21 if device.type == "cpu" else 2**26
     return max(16, budget // vocab_size)
 
@@ -111,7 +111,7 @@ def linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `labels`, in token chunks.
+    """Compute the mean cross-entropy of `hidden @ weight.T` against `labels` in chunks.
 
     `hidden` (..., D), `weight` (V, D), `labels` (...) int64 with `ignore_index` for
     positions that do not count. Returns a () fp32 tensor, NaN when no label counts

@@ -186,7 +186,7 @@ class _ExpertThreads:
         return pool
 
     def run(self, fn, experts: list[int], workers: int) -> None:
-        """fn(e) for each expert in `experts`, on `workers` threads taking them in order."""
+        """Run fn(e) for each expert in `experts` on `workers` threads, taken in list order."""
         if workers <= 1 or len(experts) <= 1:
             for e in experts:
                 fn(e)
@@ -212,7 +212,7 @@ _EXPERT_THREADS = _ExpertThreads()
 
 
 def _expert_order(sizes: list[int]) -> list[int]:
-    """Experts with rows, largest first (ties by index), the order workers take them in."""
+    """Return the experts that have rows, largest first and ties by index."""
     return sorted((e for e, n in enumerate(sizes) if n > 0), key=lambda e: (-sizes[e], e))
 
 
@@ -221,7 +221,7 @@ def _workers(device: torch.device) -> int:
 
 
 class _BlockCache:
-    """Large CPU blocks handed out again once nothing but this cache holds them.
+    """Large CPU blocks, handed out again once no tensor outside this cache uses them.
 
     The fused path's big tensors have the same shapes on every step: the saved gate/up
     activations (N, 2H), the (N, D) output and input-gradient rows and the stacked weight
@@ -272,7 +272,7 @@ _BLOCK_CACHE = _BlockCache()
 
 
 def release_cached_blocks() -> None:
-    """Drop the fused CPU path's cached blocks; memory still in use stays with its users."""
+    """Drop the fused CPU path's cached blocks. Blocks still in use stay with their users."""
     _BLOCK_CACHE.clear()
 
 
@@ -387,7 +387,7 @@ class _RoutedSwiGLU(torch.autograd.Function):
                 torch.mul(grad_hidden, up, out=product), gate, grad_input=grad_gate_up_rows[:, :H]
             )
             torch.mul(grad_hidden, silu_gate, out=grad_gate_up_rows[:, H:])
-            # shape: (D, n) @ (n, 2H) -> (D, 2H); grad_rows is free again for x's rows
+            # shape: (D, n) @ (n, 2H) -> (D, 2H). grad_rows is free again, for x's rows.
             x_rows = torch.index_select(x, 0, tokens[e], out=grad_rows)
             torch.mm(x_rows.t(), grad_gate_up_rows, out=grad_gate_up[e])
             if need_x:
